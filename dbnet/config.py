@@ -147,7 +147,8 @@ class TrainConfig:
     # What to do on a non-finite loss: stop the run, or skip the batch (at most max_skips times).
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 10
-    # Run a final evaluation on data.val_dir with best.pt when training ends.
+    # When training ends: validate the final weights (if validation is on), then evaluate
+    # best.pt on all of data.val_dir. False: nothing is evaluated at the end.
     final_eval: bool = True
 
 
@@ -350,11 +351,21 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
     """Reads a YAML file (safe loader), applies overrides and validates.
 
     Relative data paths in the file stay as written: they are resolved against the
     current directory, the way a user types them on the command line.
+
+    Args:
+        path: The YAML file, or None for `base` (or the defaults) alone.
+        overrides: ``section.key=value`` strings, applied last.
+        base: Nested plain values the file is merged over key by key (for example the
+            configuration stored in a checkpoint); None starts from the defaults.
     """
     values: dict[str, Any] = {}
     if path is not None:
@@ -369,6 +380,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(
                 f"{path}: expected a mapping of sections, got {type(values).__name__}"
             )
+    values = _merge(base, values) if base is not None else values
     values = apply_overrides(values, overrides or [])
     return config_from_dict(values)
 

@@ -1,0 +1,51 @@
+"""Optimiser and learning-rate schedule, stepped every iteration."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from dbnet.config import OptimConfig, ScheduleConfig
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (DB's recipe), AdamW or Adam over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    if config.name == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, config: ScheduleConfig) -> float:
+    """The multiplier of the base learning rate after `step` optimiser steps.
+
+    Poly decay ``(1 - step / total) ** power`` (DB, section 4.2), times a linear warmup from
+    ``warmup_factor`` to 1 over the first ``warmup_steps`` steps.
+    """
+    factor = 1.0
+    if config.name == "poly":
+        factor = max(0.0, 1.0 - step / max(total_steps, 1)) ** config.power
+    if step < config.warmup_steps:
+        progress = step / config.warmup_steps
+        factor *= config.warmup_factor + (1.0 - config.warmup_factor) * progress
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: ScheduleConfig, total_steps: int
+) -> LambdaLR:
+    """A per-iteration LambdaLR over `total_steps` steps.
+
+    The factor is a closure, so the scheduler state holds only the step counter: a resumed
+    run sizes its schedule from its own configuration.
+    """
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, config)
+
+    return LambdaLR(optimizer, factor)
