@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -213,7 +214,9 @@ def train_command(
     ] = None,
     more_overrides: Annotated[
         list[str] | None,
-        typer.Argument(metavar="[KEY=VALUE]...", help="More settings, as with --set."),
+        typer.Argument(
+            metavar="KEY=VALUE", help="More settings, as with --set.", show_default=False
+        ),
     ] = None,
 ) -> None:
     """Train a detector: a new run folder with config.yaml, train.log, TensorBoard events
@@ -226,10 +229,10 @@ def train_command(
     from dbnet.engine.train import prepare_config, read_final_eval, train
 
     with user_errors():
+        started = time.time()
         settings = [*(overrides or []), *(more_overrides or [])]
-        resolved = prepare_config(config, settings, resume)
-        run_dir, scores = train(resolved, resume), None
-        scores = read_final_eval(run_dir, fresh=True)
+        run_dir = train(prepare_config(config, settings, resume), resume)
+        scores = read_final_eval(run_dir, written_after=started)
 
     typer.echo(f"run folder: {run_dir}")
     if scores is not None:
@@ -238,6 +241,7 @@ def train_command(
             f"precision {scores['precision']:.4f}  recall {scores['recall']:.4f}  "
             f"hmean {scores['hmean']:.4f}"
         )
+
 
 # ---- eval / predict / export -------------------------------------------------------------
 
@@ -344,7 +348,7 @@ def _checkpoint_evaluator() -> Callable[..., dict]:
 
 def _print_scores(result: dict) -> None:
     """Prints precision, recall, hmean and their counts as a table."""
-    table = Table(title="ICDAR 2015 detection (IoU > 0.5)")
+    table = Table(title="ICDAR 2015 detection")
     for header in ("Precision", "Recall", "Hmean", "Matched", "GT care", "Det care"):
         table.add_column(header, justify="right")
     table.add_row(
@@ -352,6 +356,125 @@ def _print_scores(result: dict) -> None:
         *(str(result[k]) for k in ("matched", "gt_care", "det_care")),
     )
     Console().print(table)
+
+
+@app.command("predict")
+def predict_command(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(exists=True, help="Image files, or folders of images (not recursive)."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            file_okay=False,
+            help="Folder for <name>.jpg, res_<name>.txt and predictions.json (may exist).",
+        ),
+    ],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoint",
+            exists=True,
+            dir_okay=False,
+            help="Trained PyTorch checkpoint to run.",
+            rich_help_panel="Model",
+        ),
+    ] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(
+            "--onnx",
+            exists=True,
+            dir_okay=False,
+            help="ONNX file written by `dbnet export`, run with onnxruntime.",
+            rich_help_panel="Model",
+        ),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Change the stored configuration, e.g. --set postprocess.box_thresh=0.5.",
+            rich_help_panel="Model",
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto, cpu or cuda.", rich_help_panel="Model")
+    ] = "auto",
+    scores: Annotated[
+        bool,
+        typer.Option("--scores/--no-scores", help="Append the score to each res_<name>.txt line."),
+    ] = False,
+    draw: Annotated[
+        bool, typer.Option("--draw/--no-draw", help="Write the pictures with detections drawn.")
+    ] = True,
+) -> None:
+    """Detect text in images with a checkpoint or an exported ONNX model.
+
+    Writes, per image, the picture with its detections drawn (<name>.jpg) and the
+    ICDAR 2015 result file (res_<name>.txt: x1,y1,...,x4,y4 integers per line, a score
+    appended with --scores), and predictions.json for all images. An unreadable image is
+    reported and skipped; the exit code is then 1, after the other images are done.
+    """
+    if (checkpoint is None) == (onnx is None):
+        raise typer.BadParameter("give exactly one of --checkpoint and --onnx")
+
+    with user_errors():
+        # Imported here: the predictor pulls in torch, which `dbnet --help` does not need.
+        from dbnet.engine.predict import Predictor, predict_images
+
+        if checkpoint is not None:
+            predictor = Predictor.from_checkpoint(checkpoint, device, overrides or [])
+        else:
+            predictor = Predictor.from_onnx(onnx, device, overrides or [])
+        run = predict_images(predictor, inputs, out, draw=draw, with_scores=scores)
+
+    boxes = sum(len(p.detections) for p in run.predictions)
+    typer.echo(f"{len(run.predictions)} images, {boxes} detections -> {run.json_path}")
+    if run.failed:
+        for file, reason in run.failed:
+            typer.secho(f"skipped {file}: {reason}", fg=typer.colors.RED, err=True)
+        typer.secho(f"{len(run.failed)} images could not be read", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Option("--checkpoint", exists=True, dir_okay=False, help="Checkpoint to export."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", dir_okay=False, help="The .onnx file.")],
+    opset: Annotated[
+        int | None,
+        typer.Option("--opset", help="ONNX operator set (default 18; 19 for deformable convs)."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Change the configuration embedded in the file, e.g. postprocess.box_thresh=0.5.",
+        ),
+    ] = None,
+) -> None:
+    """Export a checkpoint's probability branch to ONNX, with its configuration embedded.
+
+    Input `image` (N, 3, H, W) float32, normalised RGB, H and W multiples of 32; output
+    `prob` (N, 1, H, W); batch, height and width are dynamic. The file is checked with
+    onnx.checker and onnxruntime before it is written. Run it with `dbnet predict --onnx`.
+    """
+    with user_errors():
+        # Imported here: the exporter pulls in torch and onnx, which `dbnet --help` does not need.
+        from dbnet.export import export_checkpoint
+
+        report = export_checkpoint(checkpoint, out, opset, overrides or [])
+    typer.echo(
+        f"wrote {report.path} (opset {report.opset}; max |torch - onnxruntime| "
+        f"{report.max_abs_diff:.1e} on a {'x'.join(map(str, report.check_shape))} input)"
+    )
 
 
 # ---- synth -------------------------------------------------------------------------------
