@@ -75,6 +75,9 @@ class ModelConfig:
     neck: Literal["fpn", "asf"] = "fpn"
     inner_channels: int = 256
     k: float = 50.0
+    # Momentum of every BatchNorm layer. torchvision builds MobileNetV3 with 0.01, which
+    # leaves the running statistics far behind the weights in short runs from scratch.
+    bn_momentum: float = 0.1
     channels_last: bool = False
 
 
@@ -159,6 +162,11 @@ class PostprocessConfig:
     thresh: float = 0.3
     box_thresh: float = 0.6
     unclip_ratio: float = 1.5
+    # "ratio": DB's offset, area * unclip_ratio / perimeter. "inverse": the offset that
+    # exactly undoes the training shrink of a rectangle with `shrink_ratio` (unclip_ratio
+    # then scales that offset, 1.0 meaning exact).
+    unclip_mode: Literal["ratio", "inverse"] = "ratio"
+    shrink_ratio: float = 0.4
     max_candidates: int = 1000
     min_size: float = 3.0
     mode: Literal["quad", "poly"] = "quad"
@@ -445,6 +453,7 @@ def validate(config: Config) -> None:
             "a multiple of 4",
         ),
         ("model.k", model.k, model.k > 0, "above 0"),
+        ("model.bn_momentum", model.bn_momentum, 0 < model.bn_momentum <= 1, "in (0, 1]"),
         ("optim.lr", optim.lr, optim.lr > 0, "above 0"),
         ("optim.momentum", optim.momentum, 0 <= optim.momentum < 1, "in [0, 1)"),
         ("optim.weight_decay", optim.weight_decay, optim.weight_decay >= 0, "0 or more"),

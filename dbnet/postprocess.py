@@ -192,7 +192,7 @@ def _candidate(
         return None
 
     if config.mode == "quad":
-        expanded = _unclip(box, config.unclip_ratio)
+        expanded = _unclip(box, config)
         if expanded is None:
             return None
         rect = cv2.minAreaRect(expanded.astype(np.float32))
@@ -203,7 +203,7 @@ def _candidate(
     polygon = _simplify(contour.astype(np.float64), _POLY_MAX_EPSILON)
     if polygon is None:
         polygon = box
-    expanded = _unclip(polygon, config.unclip_ratio)
+    expanded = _unclip(polygon, config)
     if expanded is None:
         return None
     if min(cv2.minAreaRect(expanded.astype(np.float32))[1]) < config.min_size + _EXPANDED_MARGIN:
@@ -237,12 +237,12 @@ def _mean_inside(prob: np.ndarray, polygon: np.ndarray) -> float:
     return float(cv2.mean(roi, mask)[0])
 
 
-def _unclip(polygon: np.ndarray, ratio: float) -> np.ndarray | None:
-    """Expands `polygon` by the DB unclip offset, distance = area * ratio / perimeter.
+def _unclip(polygon: np.ndarray, config: PostprocessConfig) -> np.ndarray | None:
+    """Expands `polygon` by the unclip offset (see `unclip_distance`).
 
     Args:
         polygon: (k, 2) map pixels.
-        ratio: The unclip ratio.
+        config: Unclip mode, ratio and the training shrink ratio.
 
     Returns:
         (m, 2) float64 outer boundary of the expansion; None when degenerate or empty.
@@ -250,9 +250,9 @@ def _unclip(polygon: np.ndarray, ratio: float) -> np.ndarray | None:
     closed = np.vstack([polygon, polygon[:1]])
     perimeter = float(np.hypot(*np.diff(closed, axis=0).T).sum())
     area = abs(float(cv2.contourArea(polygon.astype(np.float32))))
-    if not (perimeter > 0 and area > 0 and np.isfinite(area * ratio / perimeter)):
+    distance = unclip_distance(area, perimeter, config)
+    if distance is None:
         return None
-    distance = area * ratio / perimeter
 
     offset = pyclipper.PyclipperOffset(arc_tolerance=_ARC_TOLERANCE * _CLIPPER_SCALE)
     path = np.round(polygon * _CLIPPER_SCALE).astype(np.int64).tolist()
@@ -266,6 +266,29 @@ def _unclip(polygon: np.ndarray, ratio: float) -> np.ndarray | None:
     if len(outer) < 3:
         return None
     return np.asarray(outer, dtype=np.float64) / _CLIPPER_SCALE
+
+
+def unclip_distance(area: float, perimeter: float, config: PostprocessConfig) -> float | None:
+    """The outward offset of a kernel of `area` and `perimeter`, in map pixels.
+
+    ``"ratio"`` mode is DB's ``area * unclip_ratio / perimeter``. ``"inverse"`` mode solves
+    for the offset ``D`` that the training shrink would have applied to the original box:
+    with ``c = 1 - r**2``, an original rectangle of area ``A' + L' D + 4 D**2`` and perimeter
+    ``L' + 8 D`` was shrunk by ``D = c A / L``, which gives the quadratic
+    ``(8 - 4c) D**2 + (1 - c) L' D - c A' = 0``; ``unclip_ratio`` scales its root.
+
+    Returns:
+        The offset, or None for a degenerate kernel (no area or no perimeter).
+    """
+    if not (perimeter > 0 and area > 0 and np.isfinite(area) and np.isfinite(perimeter)):
+        return None
+    if config.unclip_mode == "ratio":
+        distance = area * config.unclip_ratio / perimeter
+    else:
+        c = 1.0 - config.shrink_ratio**2
+        a, b = 8.0 - 4.0 * c, (1.0 - c) * perimeter
+        distance = config.unclip_ratio * (-b + np.sqrt(b * b + 4.0 * a * c * area)) / (2.0 * a)
+    return float(distance) if np.isfinite(distance) and distance > 0 else None
 
 
 def _simplify(polygon: np.ndarray, max_epsilon: float) -> np.ndarray | None:

@@ -10,7 +10,7 @@ import shapely
 from conftest import CASES
 
 from dbnet.config import PostprocessConfig
-from dbnet.postprocess import Detection, boxes_from_prob, boxes_from_probs
+from dbnet.postprocess import Detection, boxes_from_prob, boxes_from_probs, unclip_distance
 
 MODES = ["quad", "poly"]
 SCORES = ["fast", "exact"]
@@ -103,6 +103,29 @@ def test_default_ratio_on_a_long_word_still_matches(mode: str, angle: float) -> 
     found = boxes_from_prob(prob, (300, 400), PostprocessConfig(mode=mode))
 
     assert len(found) == 1 and 0.5 < iou(found[0].points, gt) < 0.9
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("width", "height", "angle"), [(200, 40, 0), (300, 40, 15), (90, 80, 40)])
+def test_inverse_unclip_restores_long_and_compact_words(
+    mode: str, width: float, height: float, angle: float
+) -> None:
+    gt = rotated_rect(200, 150, width, height, angle)
+    prob, _ = kernel_map(gt, (300, 400))
+    config = PostprocessConfig(mode=mode, unclip_mode="inverse", unclip_ratio=1.0)
+
+    found = boxes_from_prob(prob, (300, 400), config)
+
+    assert len(found) == 1
+    assert iou(found[0].points, gt) > 0.9, f"IoU {iou(found[0].points, gt):.3f}"
+
+
+def test_inverse_unclip_distance_of_a_known_rectangle() -> None:
+    # A 100x40 box shrinks by D = 4000 * 0.84 / 280 = 12 px to 76x16; inverting gives 12.
+    config = PostprocessConfig(unclip_mode="inverse", unclip_ratio=1.0)
+
+    assert unclip_distance(76 * 16, 2 * (76 + 16), config) == pytest.approx(12.0)
+    assert unclip_distance(0.0, 10.0, config) is None
 
 
 @pytest.mark.parametrize("mode", MODES)

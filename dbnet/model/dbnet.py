@@ -64,7 +64,8 @@ def build_model(config: ModelConfig) -> DBNet:
     """Builds DBNet from the model configuration.
 
     Args:
-        config: Backbone, width, pretrained weights, neck, inner channels, k, memory format.
+        config: Backbone, width, pretrained weights, neck, inner channels, k, BatchNorm
+            momentum, memory format.
 
     Returns:
         The model in training mode, in channels-last memory format when
@@ -78,6 +79,9 @@ def build_model(config: ModelConfig) -> DBNet:
     neck = build_neck(config.neck, backbone.out_channels, config.inner_channels)
     head = DBHead(config.inner_channels, config.k)
     model = DBNet(backbone, neck, head)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = config.bn_momentum
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
