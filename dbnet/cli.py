@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -280,9 +279,8 @@ def eval_command(
         Path | None,
         typer.Option(
             "--checkpoint",
-            exists=True,
             dir_okay=False,
-            help="Trained model to run on the dataset.",
+            help="Trained model to run on the dataset; it fixes the architecture.",
             rich_help_panel="Model",
         ),
     ] = None,
@@ -296,6 +294,36 @@ def eval_command(
             rich_help_panel="Model",
         ),
     ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            file_okay=False,
+            help="Folder for res_<name>.txt, submission.zip and scores.json; never an existing "
+            "one (-2, -3, ... is appended). Default: <run folder>/eval-<data>-<time>.",
+            rich_help_panel="Model",
+        ),
+    ] = None,
+    sweep: Annotated[
+        bool,
+        typer.Option(
+            "--sweep",
+            help="Also score box_thresh 0.30 to 0.80 by 0.05 (or eval.sweep_box_thresh), "
+            "in a separate table: optimistic when chosen on the test set.",
+            rich_help_panel="Model",
+        ),
+    ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            metavar="KEY=VALUE",
+            help="Change one setting, e.g. --set postprocess.box_thresh=0.5 (repeatable).",
+            rich_help_panel="Model",
+        ),
+    ] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
@@ -303,15 +331,19 @@ def eval_command(
     """Score text detections with the ICDAR 2015 protocol: precision, recall, hmean.
 
     Give result files with their gt files (--gt-dir, --pred-dir), or a model (--checkpoint).
+    With a model: its stored configuration is used, --config is merged over it and --set
+    applies last (the architecture always comes from the checkpoint). The model runs once
+    per image; the detections are written as res_<name>.txt files and a submission zip.
     """
     files_mode = gt_dir is not None or pred_dir is not None
-    model_mode = checkpoint is not None or config is not None or data is not None
+    model_options = (config, data, out, overrides or None, sweep or None)
+    model_mode = checkpoint is not None or any(v is not None for v in model_options)
     if files_mode == model_mode:
         raise typer.BadParameter("give either --gt-dir and --pred-dir, or --checkpoint")
     if files_mode and (gt_dir is None or pred_dir is None):
         raise typer.BadParameter("--gt-dir and --pred-dir go together")
     if model_mode and checkpoint is None:
-        raise typer.BadParameter("--config and --data need --checkpoint")
+        raise typer.BadParameter("--config, --data, --out, --sweep and --set need --checkpoint")
 
     with user_errors():
         if files_mode:
@@ -320,41 +352,61 @@ def eval_command(
 
             result = evaluate_folders(gt_dir, pred_dir)
         else:
-            evaluate_checkpoint = _checkpoint_evaluator()
-            result = evaluate_checkpoint(checkpoint=checkpoint, config_path=config, data_dir=data)
+            # Imported here: the engine pulls in torch, which `dbnet --help` does not need.
+            from dbnet.engine.evaluate import evaluate_checkpoint
+
+            result = evaluate_checkpoint(
+                checkpoint=checkpoint,
+                config_path=config,
+                data_dir=data,
+                out_dir=out,
+                sweep=sweep,
+                overrides=overrides or [],
+            )
 
     if json_output:
         typer.echo(json.dumps(result, default=str))
         return
     _print_scores(result)
-
-
-def _checkpoint_evaluator() -> Callable[..., dict]:
-    """`dbnet.engine.evaluate.evaluate_checkpoint`, or a DBNetError while it does not exist."""
-    try:
-        evaluate = importlib.import_module("dbnet.engine.evaluate")
-    except ModuleNotFoundError as exc:
-        if exc.name != "dbnet.engine.evaluate":
-            raise
-        evaluate = None
-    function = getattr(evaluate, "evaluate_checkpoint", None)
-    if function is None:
-        raise DBNetError(
-            "eval --checkpoint is not available yet (dbnet.engine.evaluate.evaluate_checkpoint "
-            "is missing); score result files with --gt-dir and --pred-dir"
-        )
-    return function
+    if "out_dir" in result:
+        typer.echo(f"{result['images']} images; result files in {result['out_dir']}")
+        typer.echo(f"submission: {result['zip']}")
+    if "sweep" in result:
+        _print_sweep(result["sweep"], result["box_thresh"])
 
 
 def _print_scores(result: dict) -> None:
     """Prints precision, recall, hmean and their counts as a table."""
-    table = Table(title="ICDAR 2015 detection")
+    title = "ICDAR 2015 detection"
+    if "box_thresh" in result:
+        title += f" (box_thresh {result['box_thresh']:g})"
+    table = Table(title=title)
     for header in ("Precision", "Recall", "Hmean", "Matched", "GT care", "Det care"):
         table.add_column(header, justify="right")
     table.add_row(
         *(f"{result[k]:.4f}" for k in ("precision", "recall", "hmean")),
         *(str(result[k]) for k in ("matched", "gt_care", "det_care")),
     )
+    Console().print(table)
+
+
+def _print_sweep(sweep: dict, fixed: float) -> None:
+    """Prints the box_thresh sweep, one row per threshold, with its warning."""
+    table = Table(title="box_thresh sweep (chosen on this set: optimistic)", caption=sweep["note"])
+    for header in ("box_thresh", "Precision", "Recall", "Hmean", "Matched", "Det care", ""):
+        table.add_column(header, justify="right")
+    for row in sweep["results"]:
+        marks = [
+            mark
+            for mark, on in (("fixed", row["box_thresh"] == fixed), ("best", row == sweep["best"]))
+            if on
+        ]
+        table.add_row(
+            f"{row['box_thresh']:.2f}",
+            *(f"{row[k]:.4f}" for k in ("precision", "recall", "hmean")),
+            *(str(row[k]) for k in ("matched", "det_care")),
+            ", ".join(marks),
+        )
     Console().print(table)
 
 

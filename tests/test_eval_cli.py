@@ -66,24 +66,22 @@ def test_user_mistake_is_one_line_and_exit_1(tmp_path: Path) -> None:
         ["--gt-dir", "."],
         ["--gt-dir", ".", "--pred-dir", ".", "--checkpoint", "pyproject.toml"],
         ["--data", "."],
+        ["--sweep"],
+        ["--gt-dir", ".", "--pred-dir", ".", "--out", "x"],
     ],
-    ids=["nothing", "gt-only", "both-modes", "data-without-checkpoint"],
+    ids=[
+        "nothing",
+        "gt-only",
+        "both-modes",
+        "data-without-checkpoint",
+        "sweep-without-checkpoint",
+        "out-with-result-files",
+    ],
 )
 def test_options_of_the_two_modes_do_not_mix(args: list[str]) -> None:
     result = runner.invoke(app, ["eval", *args])
 
     assert result.exit_code == 2, result.output
-
-
-def test_checkpoint_mode_before_the_engine_exists(tmp_path: Path, monkeypatch) -> None:
-    checkpoint = tmp_path / "model.pt"
-    checkpoint.write_bytes(b"")
-    monkeypatch.setitem(sys.modules, "dbnet.engine.evaluate", None)  # the module is missing
-
-    result = runner.invoke(app, ["eval", "--checkpoint", str(checkpoint)])
-
-    assert result.exit_code == 1
-    assert "not available yet" in result.stderr
 
 
 def test_checkpoint_mode_calls_the_engine(tmp_path: Path, monkeypatch) -> None:
@@ -114,7 +112,16 @@ def test_checkpoint_mode_calls_the_engine(tmp_path: Path, monkeypatch) -> None:
 
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["hmean"] == 0.6857
-    assert calls == [{"checkpoint": checkpoint, "config_path": config, "data_dir": tmp_path}]
+    assert calls == [
+        {
+            "checkpoint": checkpoint,
+            "config_path": config,
+            "data_dir": tmp_path,
+            "out_dir": None,
+            "sweep": False,
+            "overrides": [],
+        }
+    ]
 
 
 @pytest.mark.parametrize("with_dont_care", [True, False])

@@ -9,18 +9,16 @@ import cv2
 import numpy as np
 import pytest
 import shapely
-import torch
+from tiny_models import fitted_model, scene
 from typer.testing import CliRunner
 
 from dbnet.cli import app
-from dbnet.config import Config, ModelConfig, config_to_dict
-from dbnet.data.dataset import normalise
+from dbnet.config import config_to_dict
 from dbnet.engine.checkpoint import save_checkpoint
 from dbnet.engine.predict import PREDICTIONS_FILE, Predictor, TorchBackend, find_images
 from dbnet.errors import DBNetError
 from dbnet.export import export_onnx
 from dbnet.metrics import read_result_file
-from dbnet.model.dbnet import build_model
 from dbnet.postprocess import Detection
 
 runner = CliRunner()
@@ -29,78 +27,10 @@ runner = CliRunner()
 IMAGE_SIZES = [(120, 180), (75, 210), (230, 90), (64, 64)]
 
 
-def _scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """A light image with a dark text-like bar in each of its bands of ~40 rows.
-
-    Returns:
-        The (H, W, 3) uint8 RGB image and the (H, W) float32 mask of the bars.
-    """
-    image = np.full((height, width, 3), 225, np.uint8)
-    image += rng.integers(0, 20, size=image.shape, dtype=np.uint8)
-    mask = np.zeros((height, width), np.float32)
-    bands = max(1, height // 40)
-    for band in range(bands):
-        top, bottom = band * height // bands, (band + 1) * height // bands
-        box_h = int(rng.integers((bottom - top) // 3, (bottom - top) * 2 // 3 + 1))
-        box_w = int(rng.integers(width // 4, width * 3 // 4 + 1))
-        y = int(rng.integers(top, bottom - box_h + 1))
-        x = int(rng.integers(0, width - box_w + 1))
-        image[y : y + box_h, x : x + box_w] = rng.integers(0, 60)
-        mask[y : y + box_h, x : x + box_w] = 1.0
-    return image, mask
-
-
-def _fit_to_dark_regions(model: torch.nn.Module, config: Config, gain: float = 16.0) -> None:
-    """Rewires a random DBNet's probability branch so that it lights up on dark regions.
-
-    A random network's probabilities are unrelated to the image (a checkerboard from the
-    transposed convolutions, or noise around 0.5): no box, or boxes whose edges sit on the
-    threshold, which makes a poor agreement test. Here a least-squares fit maps the random
-    fused neck features to the dark mask of a few scenes, and the branch computes
-    sigmoid(gain * fit): channel 0 of the 3x3 conv carries the fit, the BatchNorms are
-    identities plus an offset that keeps the value above the ReLUs, the first transposed
-    conv upsamples channel 0 and the last one removes the offset and applies the gain.
-    """
-    rng = np.random.default_rng(0)
-    scenes = [_scene(rng, 128, 160) for _ in range(8)]
-    images = np.stack([normalise(image, config.data.mean, config.data.std) for image, _ in scenes])
-    with torch.inference_mode():
-        fused = model.neck(model.backbone(torch.from_numpy(images)))  # (N, C, H/4, W/4)
-        columns = torch.nn.functional.unfold(fused, 3, padding=1)  # (N, C * 9, H/4 * W/4)
-    size = (fused.shape[3], fused.shape[2])
-    target = np.stack([cv2.resize(m, size, interpolation=cv2.INTER_AREA) for _, m in scenes])
-    features = columns.numpy().transpose(0, 2, 1).reshape(-1, columns.shape[1])  # (pixels, C * 9)
-    design = np.concatenate([features, np.ones((len(features), 1), np.float32)], axis=1)
-    solution, *_ = np.linalg.lstsq(design, target.reshape(-1) * 2 - 1, rcond=None)
-
-    conv, bn1, _, up1, bn2, _, up2 = model.head.probability
-    offset = 10.0
-    with torch.no_grad():
-        for layer in (conv, up1, up2):
-            layer.weight.zero_()
-        weights = torch.from_numpy(solution[:-1].astype(np.float32))
-        conv.weight[0] = weights.view(conv.weight.shape[1:])  # (C, 3, 3)
-        for bn in (bn1, bn2):
-            bn.running_mean.zero_()
-            bn.running_var.fill_(1.0 - bn.eps)
-            bn.weight.fill_(1.0)
-            bn.bias.zero_()
-        bn1.bias[0] = float(solution[-1]) + offset
-        up1.weight[0, 0] = 1.0
-        up1.bias.zero_()
-        up2.weight[0, 0] = gain
-        up2.bias.fill_(-gain * offset)
-
-
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A structured model saved as a checkpoint and exported to ONNX."""
-    torch.manual_seed(0)
-    config = Config(model=ModelConfig(backbone="resnet18", inner_channels=32))
-    config.data.eval_size = 128
-    config.postprocess.box_thresh = 0.5  # the fitted maps are patchy, their scores ~0.7
-    model = build_model(config.model).eval()
-    _fit_to_dark_regions(model, config)
+    model, config = fitted_model(eval_size=128)
 
     folder = tmp_path_factory.mktemp("model")
     checkpoint = folder / "model.pt"
@@ -115,7 +45,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(1)
     for i, (height, width) in enumerate(IMAGE_SIZES):
-        image, _ = _scene(rng, height, width)
+        image, _ = scene(rng, height, width)
         suffix = ".jpg" if i == 1 else ".png"
         cv2.imwrite(str(folder / f"img_{i}{suffix}"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     return folder
@@ -164,7 +94,7 @@ def test_preprocess_resizes_to_multiples_of_32(predictors: tuple[Predictor, Pred
 def test_structured_model_finds_the_dark_rectangles(
     predictors: tuple[Predictor, Predictor],
 ) -> None:
-    image, mask = _scene(np.random.default_rng(5), 160, 240)
+    image, mask = scene(np.random.default_rng(5), 160, 240)
     detections = predictors[0].predict(image)
     assert len(detections) >= 2, "the fitted model should detect several bars"
 
@@ -203,7 +133,7 @@ def test_onnx_detections_agree(predictors: tuple[Predictor, Predictor], images: 
 
 def test_overrides_reach_the_postprocessing(model_files: tuple[Path, Path]) -> None:
     checkpoint, onnx_file = model_files
-    image, _ = _scene(np.random.default_rng(5), 160, 240)
+    image, _ = scene(np.random.default_rng(5), 160, 240)
     for predictor in (
         Predictor.from_checkpoint(checkpoint, "cpu", ["postprocess.box_thresh=1.0"]),
         Predictor.from_onnx(onnx_file, "cpu", ["postprocess.box_thresh=1.0"], threads=1),

@@ -213,6 +213,34 @@ class DetectionDataset(Dataset):
             problems=len(self.problems),
         )
 
+    def unreadable_ground_truth(
+        self, indices: set[int] | None = None
+    ) -> list[tuple[list[np.ndarray], list[bool]]]:
+        """Polygons and ignore flags of the samples whose image could not be read.
+
+        Args:
+            indices: Only these samples (for a Subset); all when None.
+
+        Returns:
+            Per unreadable sample whose gt file reads: (k, 2) float32 polygons in original
+            pixels and their ignore flags.
+        """
+        found = []
+        for index in sorted(self._bad):
+            if indices is not None and index not in indices:
+                continue
+            try:
+                items = self.instances(index)
+            except (DBNetError, OSError):
+                continue
+            found.append(
+                (
+                    [item.points.astype(np.float32) for item in items],
+                    [item.ignore for item in items],
+                )
+            )
+        return found
+
     def _record_bad(self, index: int, file: str, reason: str) -> None:
         """Logs and counts an unreadable sample; raises when there are too many."""
         if index in self._bad:

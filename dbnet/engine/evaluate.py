@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from dbnet.config import (
@@ -139,7 +139,11 @@ def iter_probabilities(
                 seen.add(path)
                 height, width = (int(v) for v in batch["shape"][i])
                 yield EvalImage(
-                    Path(path), (height, width), prob[i, 0], batch["polygons"][i], batch["ignore"][i]
+                    Path(path),
+                    (height, width),
+                    prob[i, 0],
+                    batch["polygons"][i],
+                    batch["ignore"][i],
                 )
 
 
@@ -184,12 +188,10 @@ class SetScores:
         sweep: One row per swept box_thresh, ascending (the configured one included):
             ``box_thresh`` and the metric's precision, recall, hmean and counts. Empty
             without a sweep.
-        paths: The images scored, in order.
     """
 
     scores: dict[str, Any]
     sweep: list[dict[str, Any]] = field(default_factory=list)
-    paths: list[Path] = field(default_factory=list)
 
 
 def score_dataset(
@@ -221,14 +223,18 @@ def score_dataset(
     metrics = [DetectionMetric(iou_threshold=config.eval.iou_threshold) for _ in thresholds]
     fixed_index = thresholds.index(fixed)
 
-    paths = []
     for image in iter_probabilities(model, dataset, config, device, progress):
         found = detections_at_thresholds(image.prob, image.size, config.postprocess, thresholds)
         for metric, detections in zip(metrics, found, strict=True):
             metric.update(image.polygons, image.ignore, as_written(detections))
         if on_image is not None:
             on_image(image, found[fixed_index])
-        paths.append(image.path)
+
+    # An image that could not be read still has its ground truth: it counts as an image
+    # without detections, as a missing result file does in the competition's scoring.
+    for polygons, ignore in _unreadable_ground_truth(dataset):
+        for metric in metrics:
+            metric.update(polygons, ignore, [])
 
     results = [metric.compute() for metric in metrics]
     rows = []
@@ -237,7 +243,17 @@ def score_dataset(
             {"box_thresh": t, **{key: result[key] for key in _METRIC_KEYS}}
             for t, result in zip(thresholds, results, strict=True)
         ]
-    return SetScores(results[fixed_index], rows, paths)
+    return SetScores(results[fixed_index], rows)
+
+
+def _unreadable_ground_truth(dataset: Dataset) -> list[tuple[list[np.ndarray], list[bool]]]:
+    """The gt of a DetectionDataset's (or a Subset's) samples whose image was unreadable."""
+    indices = None
+    if isinstance(dataset, Subset):
+        indices = {int(i) for i in dataset.indices}
+        dataset = dataset.dataset
+    collect = getattr(dataset, "unreadable_ground_truth", None)
+    return collect(indices) if collect is not None else []
 
 
 def predict_dataset(
@@ -444,7 +460,9 @@ def evaluate_checkpoint(
     device = resolve_device(config.train.device)
     model.to(device)
 
-    out = create_output_dir(out_dir if out_dir is not None else default_output_dir(checkpoint, data_dir))
+    if out_dir is None:
+        out_dir = default_output_dir(checkpoint, data_dir)
+    out = create_output_dir(out_dir)
     written: list[Path] = []
 
     def write(image: EvalImage, detections: list[Detection]) -> None:
