@@ -36,7 +36,12 @@ def user_errors() -> Iterator[None]:
     """Turns errors caused by user input into one line on stderr and exit code 1."""
     try:
         yield
-    except (DBNetError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (DBNetError, OSError) as exc:
+        # An OSError is the user's when it is about a path: missing, not allowed, or naming
+        # the file the system refused (read-only folder, a file where a folder goes, disk full).
+        expected = (DBNetError, FileNotFoundError, NotADirectoryError, PermissionError)
+        if not isinstance(exc, expected) and getattr(exc, "filename", None) is None:
+            raise
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
 
@@ -233,13 +238,23 @@ def train_command(
         run_dir = train(prepare_config(config, settings, resume), resume)
         scores = read_final_eval(run_dir, written_after=started)
 
-    typer.echo(f"run folder: {run_dir}")
+    minutes, seconds = divmod(round(time.time() - started), 60)
+    typer.echo(f"run folder: {run_dir} (finished in {minutes} min {seconds:02d} s)")
     if scores is not None:
-        typer.echo(
-            f"{scores['checkpoint']} on {scores['val_dir']} ({scores['images']} images): "
-            f"precision {scores['precision']:.4f}  recall {scores['recall']:.4f}  "
-            f"hmean {scores['hmean']:.4f}"
-        )
+        _print_final_eval(scores)
+    typer.echo(f"TensorBoard: tensorboard --logdir {run_dir}")
+
+
+def _print_final_eval(scores: dict) -> None:
+    """Prints which weights were scored on which set, then the scores table."""
+    checkpoint = Path(scores["checkpoint"]).name
+    chosen = ", best validation hmean" if checkpoint == "best.pt" else ", final weights"
+    split = "test set" if scores.get("split") == "test" else "validation set"
+    typer.echo(
+        f"final evaluation: {checkpoint} (step {scores['step']}{chosen}) on the {split} "
+        f"{scores['data_dir']} ({scores['images']} images, eval size {scores['eval_size']})"
+    )
+    _print_scores(scores)
 
 
 # ---- eval / predict / export -------------------------------------------------------------

@@ -29,10 +29,15 @@ class DataConfig:
 
     train_dir: str = "../shared/data/icdar2015/train"
     val_dir: str = "../shared/data/icdar2015/test"
-    # Generate the training and validation sets with the synthetic generator when missing.
+    # A held-out test set for the final evaluation (train.final_eval) instead of val_dir,
+    # which then only selects best.pt; "" for none.
+    test_dir: str = ""
+    # Generate the training, validation and test sets with the synthetic generator when
+    # missing (seeds synth_seed, synth_seed + 1 and synth_seed + 2).
     synth_if_missing: bool = False
     synth_train_count: int = 0
     synth_val_count: int = 0
+    synth_test_count: int = 0
     synth_size: tuple[int, int] = (640, 480)
     synth_seed: int = 0
     crop_size: int = 640
@@ -111,6 +116,10 @@ class ScheduleConfig:
 
     name: Literal["poly", "constant"] = "poly"
     power: float = 0.9
+    # What the poly decay runs over: optimiser steps (train.max_steps, else the epochs), or
+    # the wall time of train.max_minutes, so that a run on a time budget ends at rate 0
+    # whatever the speed of the machine.
+    length: Literal["steps", "minutes"] = "steps"
     warmup_steps: int = 0
     warmup_factor: float = 0.1
 
@@ -146,12 +155,15 @@ class TrainConfig:
     val_every_epochs: int = 10
     # When above 0, validate every this many steps as well.
     val_every_steps: int = 0
+    # When above 0, validate every this many minutes of training as well.
+    val_every_minutes: float = 0.0
     save_every_steps: int = 0
     # What to do on a non-finite loss: stop the run, or skip the batch (at most max_skips times).
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 10
     # When training ends: validate the final weights (if validation is on), then evaluate
-    # best.pt on all of data.val_dir. False: nothing is evaluated at the end.
+    # best.pt on all of data.test_dir (data.val_dir when test_dir is ""). False: nothing is
+    # evaluated at the end.
     final_eval: bool = True
 
 
@@ -325,8 +337,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+        raise ConfigError(
+            f"override {text!r}: value is not valid YAML ({_yaml_problem(exc)})"
+        ) from None
     return path, value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: its line and column when known, and what is wrong."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -381,13 +403,24 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path}: not a YAML text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                f"{exc.start} is not UTF-8)"
+            ) from None
+        try:
+            values = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
         if not isinstance(values, dict):
             raise ConfigError(
                 f"{path}: expected a mapping of sections, got {type(values).__name__}"
             )
+        try:  # the file's own keys and types first, so that their errors name the file
+            _build(Config, values, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     values = _merge(base, values) if base is not None else values
     values = apply_overrides(values, overrides or [])
     return config_from_dict(values)
@@ -445,6 +478,12 @@ def validate(config: Config) -> None:
             "0 or more",
         ),
         ("data.synth_val_count", data.synth_val_count, data.synth_val_count >= 0, "0 or more"),
+        (
+            "data.synth_test_count",
+            data.synth_test_count,
+            data.synth_test_count >= 0,
+            "0 or more",
+        ),
         ("model.width", model.width, model.width > 0, "above 0"),
         (
             "model.inner_channels",
@@ -487,6 +526,12 @@ def validate(config: Config) -> None:
             "0 (off) or more",
         ),
         (
+            "train.val_every_minutes",
+            train.val_every_minutes,
+            train.val_every_minutes >= 0,
+            "0 (off) or more",
+        ),
+        (
             "train.save_every_steps",
             train.save_every_steps,
             train.save_every_steps >= 0,
@@ -522,3 +567,8 @@ def validate(config: Config) -> None:
         if not ok:
             shown = list(value) if isinstance(value, tuple) else value
             raise ConfigError(f"{key}: got {shown!r}, expected {allowed}")
+    if schedule.length == "minutes" and train.max_minutes <= 0:
+        raise ConfigError(
+            "schedule.length: 'minutes' needs a time budget; got train.max_minutes="
+            f"{train.max_minutes}, expected above 0 (or schedule.length: steps)"
+        )

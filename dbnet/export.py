@@ -119,7 +119,7 @@ def export_onnx(
     """
     onnx = _import_onnx()
     opset = default_opset(config) if opset is None else opset
-    _check_opset(opset, config)
+    _check_opset(opset, config, newest=onnx.defs.onnx_opset_version())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -140,6 +140,12 @@ def export_onnx(
             verbose=False,
         )
     proto = program.model_proto
+    produced = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if produced != opset:  # the exporter falls back to its own opset when conversion fails
+        raise ConfigError(
+            f"opset: got {opset}, but the exporter produced opset {produced}; "
+            f"choose {MIN_OPSET} to {produced}"
+        )
 
     # Metadata: what the input expects and the configuration to resize and post-process with.
     metadata = {
@@ -216,9 +222,12 @@ def _quiet_exporter_logs() -> Iterator[None]:
             item.setLevel(level)
 
 
-def _check_opset(opset: int, config: Config) -> None:
-    if opset < MIN_OPSET:
-        raise ConfigError(f"opset: got {opset}, expected at least {MIN_OPSET}")
+def _check_opset(opset: int, config: Config, newest: int) -> None:
+    """Refuses an opset outside [MIN_OPSET, newest], or too old for the backbone."""
+    if not MIN_OPSET <= opset <= newest:
+        raise ConfigError(
+            f"opset: got {opset}, expected {MIN_OPSET} to {newest} (the newest this onnx knows)"
+        )
     if config.model.backbone.endswith("_dcn") and opset < DEFORMABLE_OPSET:
         raise ConfigError(
             f"opset: got {opset}, but {config.model.backbone} has deformable convolutions, "

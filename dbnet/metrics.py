@@ -23,10 +23,13 @@ Departures from the script, none of which changes a score the script can compute
       quadrilaterals.
     * Degenerate polygons never raise. A self-crossing polygon is repaired with
       ``shapely.make_valid`` (a bow-tie becomes its two triangles, the area an even-odd fill
-      covers). A polygon with fewer than 3 points, a non-finite coordinate or no area has an
-      empty or zero-area shape: as a detection it is never matched and never don't-care, so it
-      counts as a false positive (the strictest honest reading, and what the script does with
-      a zero-area quadrilateral); as a care gt it is a miss.
+      covers). A polygon with fewer than 3 points, a non-finite coordinate, a coordinate
+      beyond 1e9 px or no area has an empty or zero-area shape: as a detection it is never
+      matched and never don't-care, so it counts as a false positive (the strictest honest
+      reading, and what the script does with a zero-area quadrilateral); as a care gt it is
+      a miss.
+    * A result line that is not a list of at least 6 numbers is skipped and logged with its
+      file and line (the script refuses the whole submission); ``strict`` raises instead.
 """
 
 from __future__ import annotations
@@ -43,12 +46,15 @@ import numpy as np
 import shapely
 from shapely.errors import GEOSException
 
-from dbnet.data.io import read_gt
+from dbnet.data.io import Problem, read_gt
 from dbnet.errors import AnnotationError, DBNetError
 
 logger = logging.getLogger(__name__)
 
 _EMPTY = shapely.Polygon()
+# Coordinates beyond this many pixels come from a corrupt line (areas could overflow): such
+# a polygon is treated as degenerate.
+_MAX_COORDINATE = 1e9
 _GT_NAME = re.compile(r"^gt_(?P<stem>.+)\.txt$")
 _RES_NAME = re.compile(r"^res_(?P<stem>.+)\.txt$")
 
@@ -195,7 +201,8 @@ def _shapes(polygons: Sequence[np.ndarray]) -> np.ndarray:
             coords = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         except (TypeError, ValueError):
             continue
-        if len(coords) >= 3 and np.isfinite(coords).all():
+        # NOTE: a NaN fails the comparison, so this also drops non-finite coordinates.
+        if len(coords) >= 3 and np.abs(coords).max() <= _MAX_COORDINATE:
             by_length.setdefault(len(coords), []).append((i, coords))
 
     # One vectorised construction per vertex count (quadrilaterals, mostly).
@@ -258,25 +265,30 @@ def _intersection_areas(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ---- result files -------------------------------------------------------------------------
 
 
-def read_result_file(path: str | Path) -> list[np.ndarray]:
+def read_result_file(
+    path: str | Path, strict: bool = False, problems: list[Problem] | None = None
+) -> list[np.ndarray]:
     """Reads a ``res_<image>.txt`` detection file.
 
     Each non-blank line is ``x1,y1,...,xk,yk[,score]`` with k >= 3: an even count of numbers
     is a polygon, an odd count a polygon followed by its score (so ``x1,...,y4,score`` is a
     scored quadrilateral). The scores are read and not used: the protocol matches in file
     order. A byte-order mark, CRLF line endings and spaces around numbers are accepted.
+    Any other line is skipped and logged with its file and line (raised with ``strict``).
 
     Args:
         path: The result file.
+        strict: Raise on the first malformed line instead of skipping it.
+        problems: When given, every skipped line is appended to it.
 
     Returns:
         (k, 2) float64 polygons, in file order.
 
     Raises:
-        AnnotationError: A line that is not a list of at least 6 numbers.
+        AnnotationError: With ``strict``, a line that is not a list of at least 6 numbers.
     """
     path = Path(path)
-    return _parse_results(path.read_bytes(), str(path))
+    return _parse_results(path.read_bytes(), str(path), strict, problems)
 
 
 def write_result_file(
@@ -299,8 +311,10 @@ def write_result_file(
     Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _parse_results(data: bytes, source: str) -> list[np.ndarray]:
-    """Polygons of a result file's content; `source` names the file in errors."""
+def _parse_results(
+    data: bytes, source: str, strict: bool = False, problems: list[Problem] | None = None
+) -> list[np.ndarray]:
+    """Polygons of a result file's content; `source` names the file in messages."""
     text = data.decode("utf-8", errors="replace").lstrip("\ufeff")
     polygons = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -309,13 +323,18 @@ def _parse_results(data: bytes, source: str) -> list[np.ndarray]:
         try:
             values = [float(field) for field in line.split(",")]
         except ValueError:
-            raise AnnotationError(
-                source, number, f"expected x1,y1,...,xk,yk[,score] numbers, got {line.strip()!r}"
-            ) from None
-        if len(values) < 6:
-            raise AnnotationError(
-                source, number, f"expected at least 3 points (6 numbers), got {len(values)}"
-            )
+            values = None
+            message = f"expected x1,y1,...,xk,yk[,score] numbers, got {line.strip()[:80]!r}"
+        else:
+            message = f"expected at least 3 points (6 numbers), got {len(values)}"
+        if values is None or len(values) < 6:
+            if strict:
+                raise AnnotationError(source, number, message)
+            problem = Problem(source, number, f"{message} (line skipped)")
+            logger.warning("%s", problem)
+            if problems is not None:
+                problems.append(problem)
+            continue
         if len(values) % 2:
             values = values[:-1]
         polygons.append(np.array(values, dtype=np.float64).reshape(-1, 2))
@@ -330,6 +349,7 @@ def evaluate_folders(
     pred_dir: str | Path,
     iou_threshold: float = 0.5,
     dont_care_threshold: float = 0.5,
+    strict: bool = False,
 ) -> dict:
     """Scores a folder (or zip archive) of result files against one of gt files.
 
@@ -344,14 +364,15 @@ def evaluate_folders(
         pred_dir: Folder or ``.zip`` holding ``res_<stem>.txt`` files.
         iou_threshold: See `DetectionMetric`.
         dont_care_threshold: See `DetectionMetric`.
+        strict: Raise on a malformed gt or result line instead of skipping it.
 
     Returns:
         `DetectionMetric.compute` values plus ``missing_results`` (gt files without a result
-        file).
+        file) and ``skipped_lines`` (malformed gt and result lines left out, each logged).
 
     Raises:
         DBNetError: Missing folders, no gt files, no result files, or result files without gt.
-        AnnotationError: A result line that cannot be read.
+        AnnotationError: With ``strict``, a gt or result line that cannot be read.
     """
     metric = DetectionMetric(iou_threshold, dont_care_threshold)
     if (Path(gt_dir) / "gts").is_dir():
@@ -372,10 +393,11 @@ def evaluate_folders(
             )
 
         missing = 0
+        problems: list[Problem] = []
         for stem in sorted(gts):
-            instances = read_gt(gts[stem])
+            instances = read_gt(gts[stem], strict=strict, problems=problems)
             if stem in results:
-                detections = read_result_file(results[stem])
+                detections = read_result_file(results[stem], strict=strict, problems=problems)
             else:
                 detections = []
                 missing += 1
@@ -387,8 +409,11 @@ def evaluate_folders(
 
     if missing:
         logger.info("%d of %d images have no result file: no detections", missing, len(gts))
+    if problems:
+        logger.warning("%d malformed gt or result lines were skipped", len(problems))
     result = metric.compute()
     result["missing_results"] = missing
+    result["skipped_lines"] = len(problems)
     return result
 
 

@@ -106,6 +106,8 @@ def test_wrong_type_names_the_key_and_what_is_allowed(override: str, expected: s
         ("schedule.warmup_factor=0", "schedule.warmup_factor: got 0.0"),
         ("data.scale_range=[2, 1]", "data.scale_range: got [2.0, 1.0], expected 0 < low <= high"),
         ("eval.iou_threshold=1.5", "eval.iou_threshold: got 1.5"),
+        ("train.val_every_minutes=-1", "train.val_every_minutes: got -1.0"),
+        ("schedule.length=minutes", "schedule.length: 'minutes' needs a time budget"),
     ],
 )
 def test_out_of_range_values_name_the_key_and_the_range(override: str, expected: str) -> None:

@@ -19,6 +19,9 @@ from dbnet.data.io import (
 )
 from dbnet.errors import AnnotationError, ImageReadError
 
+# NumPy warnings (overflow, invalid value, division by zero) fail the tests: no hidden NaN.
+pytestmark = pytest.mark.filterwarnings("error")
+
 QUAD = "10,20,110,20,110,60,10,60"
 
 

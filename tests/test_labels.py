@@ -13,6 +13,9 @@ import shapely
 
 from dbnet.data.labels import LabelMaps, clean_polygon, make_label_maps
 
+# NumPy warnings (overflow, invalid value, division by zero) fail the tests: no hidden NaN.
+pytestmark = pytest.mark.filterwarnings("error")
+
 MAPS = ("shrink_map", "shrink_mask", "threshold_map", "threshold_mask")
 REASONS = {"dont_care", "degenerate", "self_intersecting", "too_small", "empty_offset"}
 # The border is exact up to float32 rounding and the 1/256 px coordinate snap: a 0.03

@@ -12,6 +12,9 @@ from conftest import CASES
 from dbnet.config import PostprocessConfig
 from dbnet.postprocess import Detection, boxes_from_prob, boxes_from_probs, unclip_distance
 
+# NumPy warnings (overflow, invalid value, division by zero) fail the tests: no hidden NaN.
+pytestmark = pytest.mark.filterwarnings("error")
+
 MODES = ["quad", "poly"]
 SCORES = ["fast", "exact"]
 
@@ -302,7 +305,8 @@ def test_degenerate_maps_never_raise(name: str, mode: str, score_mode: str) -> N
     config = PostprocessConfig(mode=mode, score_mode=score_mode)
 
     for size in [(64, 64), (720, 1280), (1, 1), (3, 2)]:
-        found = boxes_from_prob(prob, size, config)
+        with np.errstate(all="raise"):
+            found = boxes_from_prob(prob, size, config)
         check_valid(found, size, mode)
 
     if name in {"zeros", "nan", "1x1 zero", "single pixel", "1-px line", "zig-zag", "empty"}:
@@ -349,7 +353,8 @@ def test_case_19_degenerate_probability_map(case_19, mode: str, score_mode: str)
     size = prob.shape
     config = PostprocessConfig(mode=mode, score_mode=score_mode)
 
-    found = boxes_from_prob(prob, size, config)
+    with np.errstate(all="raise"):
+        found = boxes_from_prob(prob, size, config)
 
     check_valid(found, size, mode)
     over_normal = [

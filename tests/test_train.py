@@ -78,6 +78,14 @@ def test_poly_decay_with_warmup() -> None:
     assert lr_factor(90, 100, warm) == 1.0
 
 
+def test_poly_decay_over_a_fraction_of_the_run() -> None:
+    poly = ScheduleConfig(name="poly", power=0.9, warmup_steps=10, warmup_factor=0.1)
+    assert lr_factor(20, 100, poly, progress=0.5) == pytest.approx(0.5**0.9)
+    assert lr_factor(99, 100, poly, progress=0.1) == pytest.approx(0.9**0.9), "not the steps"
+    assert lr_factor(5, 100, poly, progress=0.0) == pytest.approx(0.55), "warmup in steps"
+    assert lr_factor(1, 100, poly, progress=1.2) == 0.0, "past the budget the factor stays 0"
+
+
 def test_scheduler_steps_every_iteration() -> None:
     weight = torch.nn.Parameter(torch.zeros(1))
     model = torch.nn.Module()
@@ -234,6 +242,26 @@ def test_max_minutes_stops_early_keeping_the_schedule(tmp_path, data) -> None:
     run_dir = train(config)
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["step"] == 1 and state["total_steps"] == 6
+    assert "train.max_minutes" in (run_dir / "train.log").read_text()
+
+
+def test_a_schedule_in_minutes_ends_at_rate_zero_when_the_budget_is_spent(
+    tmp_path, data
+) -> None:
+    train_dir, val_dir = data
+    overrides = [
+        "schedule.length=minutes",
+        "train.max_minutes=0.02",
+        "train.epochs=100000",
+        "train.val_every_minutes=0.01",
+    ]
+    run_dir = train(tiny_config(tmp_path, train_dir, val_dir, overrides))
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] > 2 and state["elapsed_seconds"] >= 0.02 * 60
+    assert state["optimizer"]["param_groups"][0]["lr"] == 0.0, "the time budget is spent"
+    lrs = _scalars(run_dir, "train/lr")
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.5 * lrs[0], lrs
+    assert len(_scalars(run_dir, "val/hmean")) >= 1, "validated every 0.01 minutes"
     assert "train.max_minutes" in (run_dir / "train.log").read_text()
 
 

@@ -19,6 +19,9 @@ from dbnet.data.transforms import (
     resize_for_eval,
 )
 
+# NumPy warnings (overflow, invalid value, division by zero) fail the tests: no hidden NaN.
+pytestmark = pytest.mark.filterwarnings("error")
+
 
 def _mask(height: int, width: int, polygons: list[np.ndarray]) -> np.ndarray:
     """(H, W) bool raster of polygons, vertices rounded to pixel centres."""

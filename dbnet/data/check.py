@@ -21,7 +21,7 @@ import numpy as np
 from dbnet.data.io import Problem, find_pairs, image_size, read_gt
 from dbnet.data.io import logger as io_logger
 from dbnet.data.labels import make_label_maps
-from dbnet.errors import ImageReadError
+from dbnet.errors import ConfigError, ImageReadError
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,12 @@ def audit_dataset(
     Raises:
         FileNotFoundError: ``root`` does not exist.
         NotADirectoryError: ``root`` is not a folder.
+        ConfigError: A shrink ratio outside (0, 1) or a negative minimum text size.
     """
+    if not 0.0 < shrink_ratio < 1.0:
+        raise ConfigError(f"shrink ratio: got {shrink_ratio}, expected a value in (0, 1)")
+    if not min_text_size >= 0:
+        raise ConfigError(f"minimum text size: got {min_text_size}, expected 0 or more")
     report = AuditReport(root=Path(root), strict=strict)
     problems: list[Problem] = []
     with _quiet(io_logger):  # every problem goes into the report, not also into the log

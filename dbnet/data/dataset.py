@@ -25,7 +25,7 @@ from dbnet.config import DataConfig
 from dbnet.data.io import Instance, Problem, find_pairs, read_gt, read_image
 from dbnet.data.labels import LabelMaps, make_label_maps
 from dbnet.data.transforms import augment, resize_for_eval
-from dbnet.errors import DBNetError, ImageReadError
+from dbnet.errors import ConfigError, DBNetError, ImageReadError
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +287,32 @@ class DetectionDataset(Dataset):
     # ---- items ---------------------------------------------------------------------------
 
     def train_sample(self, index: int) -> TrainSample:
-        """The augmented crop and label maps of sample `index` in the current epoch."""
+        """The augmented crop and label maps of sample `index` in the current epoch.
+
+        A sample whose crop or targets cannot be made (a failure of the geometry code on
+        some annotation) is recorded like an unreadable image, naming its files, and the
+        next readable sample stands in; with ``config.strict`` it raises DBNetError.
+        """
+        while True:
+            current, image, instances = self._load(index)
+            try:
+                return self._make_train_sample(index, current, image, instances)
+            except DBNetError:
+                raise
+            except Exception as exc:  # one bad annotation must not end a run unnamed
+                image_path, gt_path = self.pairs[current]
+                reason = (
+                    f"cannot make training targets from {gt_path} ({type(exc).__name__}: {exc})"
+                )
+                if self.config.strict:
+                    raise DBNetError(f"{image_path}: {reason}") from exc
+                self._record_bad(current, str(image_path), reason)
+
+    def _make_train_sample(
+        self, index: int, current: int, image: np.ndarray, instances: list[Instance]
+    ) -> TrainSample:
+        """Augments sample `current` (standing in for `index`) and builds its label maps."""
         config = self.config
-        current, image, instances = self._load(index)
         image_path, gt_path = self.pairs[current]
 
         polygons = [item.points for item in instances]
@@ -362,7 +385,7 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stacks the tensors of a list of items; other values become lists.
 
     Raises:
-        ValueError: Images of different sizes (evaluation items batched with batch size > 1).
+        ConfigError: Images of different sizes (evaluation items batched with batch size > 1).
     """
     keys = batch[0].keys()
     out: dict[str, Any] = {}
@@ -371,7 +394,7 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(values[0], torch.Tensor):
             shapes = {tuple(value.shape) for value in values}
             if len(shapes) > 1:
-                raise ValueError(
+                raise ConfigError(
                     f"cannot batch {key!r} of different shapes {sorted(shapes)}; evaluation "
                     "images differ in size: use eval.batch_size 1"
                 )

@@ -42,6 +42,8 @@ _EXPECTED = "expected x1,y1,...,x4,y4,transcription or x1,y1,...,xn,yn,transcrip
 # EXIF orientations that swap width and height (transpose, rotate 90, transverse, rotate 270).
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+# Images are converted to RGB this many pixels at a time (see _to_rgb8).
+_STRIP_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -129,15 +131,13 @@ def read_image(path: str | Path) -> np.ndarray:
     Raises:
         ImageReadError: The file is missing, truncated, corrupt or not an image.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(path, "no such image file")
-
+    path = _existing_image(path)
     try:
         with Image.open(path) as image:
             image.load()
-            upright = ImageOps.exif_transpose(image)
-            return _to_rgb8(upright)
+            if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies
+                image = ImageOps.exif_transpose(image)
+            return _to_rgb8(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(path, f"cannot decode image ({exc})") from exc
 
@@ -156,10 +156,7 @@ def image_size(path: str | Path, verify: bool = False) -> tuple[int, int]:
     Raises:
         ImageReadError: The file is missing, not an image or, with ``verify``, does not decode.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(path, "no such image file")
-
+    path = _existing_image(path)
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -174,14 +171,39 @@ def image_size(path: str | Path, verify: bool = False) -> tuple[int, int]:
     return height, width
 
 
+def _existing_image(path: str | Path) -> Path:
+    """`path` as a Path; ImageReadError when it is not a file or an empty one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "no such image file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "empty file (0 bytes), not an image")
+    return path
+
+
 def _to_rgb8(image: Image.Image) -> np.ndarray:
-    """A decoded Pillow image of any mode as (H, W, 3) uint8 RGB."""
+    """A decoded Pillow image of any mode as (H, W, 3) uint8 RGB.
+
+    Converted in strips of rows, so that a large image (10000 x 8000) needs little memory
+    beyond its decoded form and the result.
+    """
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         gray = _gray_to_uint8(np.asarray(image), sixteen_bit=image.mode.startswith("I;16"))
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
 
+    width, height = image.size
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        out[top:bottom] = _strip_to_rgb8(image.crop((0, top, width, bottom)))
+    return out
+
+
+def _strip_to_rgb8(image: Image.Image) -> np.ndarray:
+    """(h, W, 3) uint8 RGB of a Pillow image in any mode but the 32-bit and 16-bit gray ones."""
     if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)  # (H, W, 4)
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.uint16)  # (h, W, 4)
         rgb, alpha = rgba[:, :, :3], rgba[:, :, 3:]
         # Over white: c * a + 255 * (1 - a), in integers with rounding.
         composited = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
@@ -189,7 +211,7 @@ def _to_rgb8(image: Image.Image) -> np.ndarray:
 
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.array(image, dtype=np.uint8)  # (H, W, 3), a writable copy
+    return np.asarray(image, dtype=np.uint8)  # (h, W, 3)
 
 
 def _gray_to_uint8(values: np.ndarray, sixteen_bit: bool) -> np.ndarray:

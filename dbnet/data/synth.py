@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DONT_CARE = "###"
 MIN_SIZE = 64  # smallest accepted image side, in pixels
+MAX_SIZE = 8192  # largest accepted image side: one image is rendered whole in memory
 
 # Cap heights in image pixels: legible words, and the tiny ones marked don't care.
 CARE_HEIGHT = (10.0, 60.0)
@@ -172,7 +173,7 @@ def generate_dataset(
         out_dir: The folder to create. It may exist if it is empty.
         count: Number of images, at least 1.
         seed: Non-negative random seed; the same seed gives byte-identical files.
-        size: (width, height) of every image, each at least ``MIN_SIZE``.
+        size: (width, height) of every image, each from ``MIN_SIZE`` to ``MAX_SIZE``.
 
     Returns:
         Counts of what was written.
@@ -217,10 +218,10 @@ def _check_arguments(count: int, seed: int, size: tuple[int, int]) -> None:
         raise ConfigError(f"synthetic image count must be at least 1, got {count}")
     if seed < 0:
         raise ConfigError(f"synthetic data seed must be a non-negative integer, got {seed}")
-    if len(size) != 2 or min(size) < MIN_SIZE:
+    if len(size) != 2 or min(size) < MIN_SIZE or max(size) > MAX_SIZE:
         raise ConfigError(
-            f"synthetic image size must be (width, height), both at least {MIN_SIZE}, "
-            f"got {tuple(size)}"
+            f"synthetic image size must be (width, height), both from {MIN_SIZE} to "
+            f"{MAX_SIZE}, got {tuple(size)}"
         )
 
 

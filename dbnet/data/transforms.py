@@ -19,6 +19,7 @@ import shapely
 from shapely.geometry import Polygon, box
 
 from dbnet.config import DataConfig
+from dbnet.data.labels import MAX_COORDINATE
 
 # NOTE: DB's random crop tries a bounded number of windows before giving up; with one try per
 # candidate text instance (below), 50 is enough for the densest ICDAR 2015 images.
@@ -378,8 +379,15 @@ def augment(
     linear = random_linear(config.scale_range, config.rotate_degrees, config.flip, rng)
     to_extent, extent_w, extent_h = _extent_matrix(height, width, linear)
 
-    # Crop window chosen from the transformed care polygons.
-    moved = [apply_affine(points, to_extent) for points in polygons]
+    # Crop window chosen from the transformed care polygons. Corrupt coordinates (beyond
+    # MAX_COORDINATE, which the label code ignores as degenerate) would overflow the
+    # transform: such a polygon becomes empty, which the clipping below drops.
+    moved = [
+        apply_affine(points, to_extent)
+        if np.abs(points).max(initial=0.0) <= MAX_COORDINATE
+        else np.zeros((0, 2), np.float32)
+        for points in polygons
+    ]
     care = [p for p, flag in zip(moved, ignore, strict=True) if not flag and len(p) >= 3]
     boxes = np.array([[*p.min(axis=0), *p.max(axis=0)] for p in care]).reshape(-1, 4)
     x0, y0 = choose_crop(boxes, (extent_w, extent_h), size, rng)

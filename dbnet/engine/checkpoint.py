@@ -26,6 +26,7 @@ import pickle
 import random
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +111,21 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         The state dict (keys in the module docstring).
 
     Raises:
-        CheckpointError: The file is missing, truncated, needs arbitrary code to unpickle,
-            or has another format version.
+        CheckpointError: The file is missing, empty, truncated, not a zip archive written
+            by torch.save, needs arbitrary code to unpickle, or has another format version.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    # torch.save writes a zip archive: anything else (an empty, torn or foreign file) is
+    # named plainly instead of by the unpickler's internal error.
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: not a readable checkpoint (the file is empty)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (not the zip archive torch.save writes: "
+            "truncated, or another kind of file); nothing was unpickled"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # pickle protocol notes on bad files
@@ -144,6 +154,13 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     missing = [key for key in ("model", "config") if key not in state]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    weights = state["model"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(value, torch.Tensor) for value in weights.values()
+    ):
+        raise CheckpointError(f"{path}: the model weights are not a mapping of names to tensors")
+    if not isinstance(state["config"], dict):
+        raise CheckpointError(f"{path}: the stored configuration is not a mapping")
     return state
 
 
@@ -173,6 +190,8 @@ def check_architecture(state: dict[str, Any], model_config: dict[str, Any], path
         CheckpointError: Naming every differing key with both values.
     """
     stored = state.get("config", {}).get("model", {})
+    if not isinstance(stored, dict):
+        stored = {}
     differences = [
         f"model.{key}={stored.get(key)!r} in the checkpoint, {model_config.get(key)!r} requested"
         for key in ARCHITECTURE_KEYS

@@ -85,6 +85,8 @@ LOSS_KEYS = ("loss", "loss_shrink", "loss_threshold", "loss_binary")
 LABEL_KEYS = ("shrink_map", "shrink_mask", "threshold_map", "threshold_mask")
 CHECKPOINT_DIR = "checkpoints"
 FINAL_EVAL_FILE = "final_eval.json"
+# Scores of the final evaluation, as DetectionMetric.compute names them.
+_FINAL_KEYS = ("precision", "recall", "hmean", "matched", "gt_care", "det_care")
 # How many skipped files and gt problems the closing report lists.
 _LISTED = 20
 
@@ -187,10 +189,12 @@ def create_run_dir(output_dir: str | Path, name: str) -> Path:
 
 
 def ensure_synthetic_data(config: DataConfig) -> None:
-    """Generates the training and validation sets that are missing (data.synth_if_missing).
+    """Generates the training, validation and test sets that are missing
+    (data.synth_if_missing).
 
-    Existing folders are never touched. The validation set uses ``synth_seed + 1`` so it
-    holds other images than the training set; a count of 0 generates nothing.
+    Existing folders are never touched. The validation and test sets use ``synth_seed + 1``
+    and ``synth_seed + 2``, so the three sets hold different images; a count of 0 (or an
+    empty data.test_dir) generates nothing.
 
     Raises:
         ConfigError: The training folder is missing and data.synth_train_count is 0.
@@ -200,9 +204,10 @@ def ensure_synthetic_data(config: DataConfig) -> None:
     sets = [
         ("train_dir", config.train_dir, config.synth_train_count, config.synth_seed, "train"),
         ("val_dir", config.val_dir, config.synth_val_count, config.synth_seed + 1, "val"),
+        ("test_dir", config.test_dir, config.synth_test_count, config.synth_seed + 2, "test"),
     ]
     for key, folder, count, seed, name in sets:
-        if Path(folder).exists():
+        if not folder or Path(folder).exists():
             continue
         if count <= 0:
             if name == "train":
@@ -212,7 +217,15 @@ def ensure_synthetic_data(config: DataConfig) -> None:
                 )
             continue
         logger.info("data.%s %s is missing: generating %d synthetic images", key, folder, count)
-        generate_dataset(folder, count, seed, size=tuple(config.synth_size))
+        summary = generate_dataset(folder, count, seed, size=tuple(config.synth_size))
+        logger.info(
+            "wrote %d images (%d words, %d ###) to %s in %.1f s",
+            summary.images,
+            summary.words,
+            summary.dont_care,
+            folder,
+            summary.seconds,
+        )
 
 
 # ---- signals -----------------------------------------------------------------------------
@@ -305,6 +318,8 @@ class Trainer:
         self.best_hmean = -1.0
         self.best_metrics: dict[str, Any] = {}
         self.elapsed = 0.0
+        # The monotonic clock reading at which training (elapsed 0) began, while the loop runs.
+        self._started: float | None = None
         self.nonfinite_skips = 0
         self.skipped: list[tuple[str, str]] = []
         self.ignored: Counter[str] = Counter()
@@ -347,10 +362,22 @@ class Trainer:
         self.iters_per_epoch = len(self.sampler)
         self.total_steps = config.train.max_steps or config.train.epochs * self.iters_per_epoch
         self.optimizer = build_optimizer(self.model, config.optim)
-        self.scheduler = build_scheduler(self.optimizer, config.schedule, self.total_steps)
+        clock = self._time_progress if config.schedule.length == "minutes" else None
+        self.scheduler = build_scheduler(
+            self.optimizer, config.schedule, self.total_steps, progress=clock
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp == "fp16")
         if state is not None:
-            self._restore(state, checkpoint)
+            try:
+                self._restore(state, checkpoint)
+            except DBNetError:
+                raise
+            except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+                # A checkpoint that loads safely may still lack or garble the training state.
+                detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+                raise CheckpointError(
+                    f"{checkpoint}: cannot resume from it ({type(exc).__name__}: {detail})"
+                ) from None
         self._start_tensorboard(resumed=state is not None)
 
     def _check_device_options(self) -> None:
@@ -430,6 +457,15 @@ class Trainer:
             if 0 < limit < len(self.val_set):
                 self.val_subset = Subset(self.val_set, range(limit))
 
+        self.test_set = None
+        if data.test_dir:
+            if not Path(data.test_dir).is_dir():
+                raise ConfigError(
+                    f"data.test_dir {data.test_dir} does not exist: point it at a dataset "
+                    'folder, or set data.test_dir="" to evaluate on data.val_dir at the end'
+                )
+            self.test_set = DetectionDataset(data.test_dir, data, train=False, seed=seed)
+
     def _log_data(self) -> None:
         data, train = self.config.data, self.config.train
         logger.info("training set %s", self.train_summary)
@@ -443,6 +479,12 @@ class Trainer:
             logger.info("validation set %s: %d images", data.val_dir, len(self.val_set))
         elif self._validation_enabled(ignore_data=True) or train.final_eval:
             logger.warning("data.val_dir %s does not exist: no validation", data.val_dir)
+        if self.test_set is not None:
+            logger.info(
+                "test set %s: %d images, evaluated once when training ends",
+                data.test_dir,
+                len(self.test_set),
+            )
 
     def _build_model(self, resuming: bool) -> None:
         config = self.config
@@ -521,7 +563,15 @@ class Trainer:
         # The handler stays on to the end: a first Ctrl-C during the final evaluation is
         # noted, a second one aborts, and last.pt is on disk before either can happen.
         with StopRequest() as stop:
-            reason = self._loop(stop)
+            try:
+                reason = self._loop(stop)
+            except NonFiniteLossError:
+                raise  # it saved the last finite weights itself
+            except DBNetError:
+                # A data error (training batch or validation set) between steps: keep the
+                # steps done, to resume once the data is fixed.
+                self._save_last()
+                raise
             self._save_last()
             if reason in ("signal", "stop_at_step"):
                 logger.info(
@@ -533,8 +583,9 @@ class Trainer:
                 return self.run_dir
 
             # The final weights compete for best.pt before the final evaluation picks it.
-            final = self.config.train.final_eval and self.val_set is not None
-            if final and self._validation_enabled() and self.last_validated_step != self.step:
+            final = self.config.train.final_eval and self._final_set() is not None
+            validated = self.last_validated_step == self.step
+            if final and self._validation_enabled() and not validated:
                 self._validate()
                 self._save("last.pt")  # now with the validation's result
             if final:
@@ -548,6 +599,7 @@ class Trainer:
         """Epochs of steps; returns why it stopped."""
         train = self.config.train
         started = time.monotonic() - self.elapsed
+        self._started = started
         window = _Window()
         while True:
             reason = self._stop_reason(False)
@@ -580,6 +632,7 @@ class Trainer:
                     window.add(
                         values, self._last_lr, self._images(batch), time.perf_counter() - tick
                     )
+                    before = self.elapsed
                     self.elapsed = time.monotonic() - started
                     bar.update()
                     bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
@@ -588,12 +641,26 @@ class Trainer:
                     epoch_end = self.batch_in_epoch == self.iters_per_epoch
                     if epoch_end:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    self._after_step(epoch_end, window, epoch_of_step=bar_epoch)
+                    self._after_step(
+                        epoch_end, window, bar_epoch, minutes_due=self._minutes_due(before)
+                    )
 
                     reason = self._stop_reason(requested, stop)
                     if reason is not None:
                         return reason
                     tick = time.perf_counter()
+
+    def _time_progress(self) -> float:
+        """The fraction of train.max_minutes used so far: the clock of schedule.length
+        'minutes'."""
+        elapsed = self.elapsed if self._started is None else time.monotonic() - self._started
+        return elapsed / (self.config.train.max_minutes * 60)
+
+    def _minutes_due(self, before: float) -> bool:
+        """Whether the step that took the elapsed time from `before` to now crossed a
+        multiple of train.val_every_minutes."""
+        period = self.config.train.val_every_minutes * 60
+        return period > 0 and int(self.elapsed // period) > int(before // period)
 
     def _stop_reason(self, requested: bool, stop: StopRequest | None = None) -> str | None:
         train = self.config.train
@@ -702,14 +769,20 @@ class Trainer:
             self._save_last()  # the weights before this batch, to inspect or resume
         raise NonFiniteLossError(message)
 
-    def _after_step(self, epoch_end: bool, window: _Window, epoch_of_step: int) -> None:
-        """Logging, validation and checkpoints due after the step just taken."""
+    def _after_step(
+        self, epoch_end: bool, window: _Window, epoch_of_step: int, minutes_due: bool = False
+    ) -> None:
+        """Logging, validation and checkpoints due after the step just taken.
+
+        `minutes_due`: the step crossed a multiple of train.val_every_minutes.
+        """
         train = self.config.train
         if self.step % train.log_every == 0:
             self._log_scalars(window, epoch_of_step)
 
         validate = self._validation_enabled() and (
-            (train.val_every_steps > 0 and self.step % train.val_every_steps == 0)
+            minutes_due
+            or (train.val_every_steps > 0 and self.step % train.val_every_steps == 0)
             or (
                 epoch_end
                 and train.val_every_epochs > 0
@@ -740,11 +813,14 @@ class Trainer:
                 self.writer.add_scalar(f"train/{key}", value, self.step)
             self.writer.add_scalar("train/lr", lr, self.step)
             self.writer.add_scalar("train/images_per_second", images_per_second, self.step)
+        if self.config.schedule.length == "minutes":
+            position = f"{self.step} ({self.elapsed / 60:.2f}/{self.config.train.max_minutes} min)"
+        else:
+            position = f"{self.step}/{self.total_steps}"
         logger.info(
-            "step %d/%d epoch %d: loss %.4f (shrink %.4f, threshold %.4f, binary %.4f) "
+            "step %s epoch %d: loss %.4f (shrink %.4f, threshold %.4f, binary %.4f) "
             "lr %.3g, %.1f images/s",
-            self.step,
-            self.total_steps,
+            position,
             epoch,
             means["loss"],
             means["loss_shrink"],
@@ -774,6 +850,7 @@ class Trainer:
     def _validation_enabled(self, ignore_data: bool = False) -> bool:
         train = self.config.train
         periodic = train.val_every_epochs > 0 or train.val_every_steps > 0
+        periodic = periodic or train.val_every_minutes > 0
         return periodic and (ignore_data or self.val_set is not None)
 
     def _validate(self) -> None:
@@ -838,36 +915,60 @@ class Trainer:
             self._save("last.pt")
             self.last_saved_step = self.step
 
+    def _final_set(self) -> DetectionDataset | None:
+        """The set of the final evaluation: data.test_dir when given, else data.val_dir."""
+        return self.test_set if self.test_set is not None else self.val_set
+
     def _final_eval(self) -> None:
-        """Precision, recall and hmean of best.pt (else last.pt) on the whole data.val_dir."""
-        if not self.process.is_main or self.val_set is None:
+        """Scores of best.pt (else last.pt) on the whole test set (else validation set).
+
+        Writes them to final_eval.json: ``checkpoint``, ``step`` (of its weights),
+        ``split`` ("test" or "val"), ``data_dir``, ``images``, ``box_thresh``, ``eval_size``,
+        ``precision``, ``recall``, ``hmean``, ``matched``, ``gt_care``, ``det_care`` and
+        ``seconds`` (of the evaluation).
+        """
+        dataset = self._final_set()
+        if not self.process.is_main or dataset is None:
             return
+        started = time.monotonic()
         best = self.run_dir / CHECKPOINT_DIR / "best.pt"
         path = best if best.is_file() else self.run_dir / CHECKPOINT_DIR / "last.pt"
+        step = int(self.best_metrics.get("step", self.step)) if path == best else self.step
 
-        if path == best and self.best_metrics.get("images") == len(self.val_set):
+        validated = dataset is self.val_set and self.best_metrics.get("images") == len(dataset)
+        if path == best and validated and "matched" in self.best_metrics:
             metrics = dict(self.best_metrics)  # best.pt was already validated on every image
         else:
             self.bare_model.load_state_dict(load_checkpoint(path)["model"])
             self.bare_model.eval()
             metrics = _plain_metrics(
-                evaluate_model(self.bare_model, self.val_set, self.config, self.device)
+                evaluate_model(self.bare_model, dataset, self.config, self.device)
             )
+        split = "test" if dataset is self.test_set else "val"
+        data = self.config.data
         result = {
             "checkpoint": str(path),
-            "val_dir": self.config.data.val_dir,
-            "images": len(self.val_set),
-            **{key: metrics[key] for key in ("precision", "recall", "hmean")},
+            "step": step,
+            "split": split,
+            "data_dir": data.test_dir if split == "test" else data.val_dir,
+            "images": len(dataset),
+            "box_thresh": self.config.postprocess.box_thresh,
+            "eval_size": data.eval_size,
+            **{key: metrics[key] for key in _FINAL_KEYS},
+            "seconds": round(time.monotonic() - started, 1),
         }
         (self.run_dir / FINAL_EVAL_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
         if self.writer is not None:
             for key in ("precision", "recall", "hmean"):
                 self.writer.add_scalar(f"final/{key}", float(result[key]), self.step)
         logger.info(
-            "final evaluation of %s on %s (%d images): precision %.4f recall %.4f hmean %.4f",
+            "final evaluation of %s (step %d) on the %s set %s (%d images): precision %.4f "
+            "recall %.4f hmean %.4f",
             path.name,
-            self.config.data.val_dir,
-            len(self.val_set),
+            step,
+            split,
+            result["data_dir"],
+            len(dataset),
             result["precision"],
             result["recall"],
             result["hmean"],

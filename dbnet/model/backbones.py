@@ -12,6 +12,7 @@ keys are torchvision's own.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -136,16 +137,37 @@ def _load_state(source: str, name: str, weights: models.WeightsEnum) -> Mapping[
             f"pretrained weights file not found: {path} "
             "(model.pretrained must be 'none', 'torchvision' or an existing file)"
         )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: not a readable torch state dict (the file is empty)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # pickle protocol notes on bad files
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors have no common base class
-        raise CheckpointError(f"{path}: not a readable torch state dict ({exc})") from None
+        raise CheckpointError(
+            f"{path}: not a readable torch state dict ({_load_failure(exc)}); it was not unpickled"
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(
             f"{path}: expected a state dict (a mapping of names to tensors) of torchvision's "
             f"{name}, got {type(state).__name__}"
         )
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line of a failed safe torch.load: the blocked object, else the specific line.
+
+    torch's message spans paragraphs and suggests loading unsafely, which a file that failed
+    the safe load must never be.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    specific = [line for line in lines if not line.startswith(boilerplate)]
+    blocked = [line for line in specific if "GLOBAL" in line]
+    if blocked:
+        return blocked[0]
+    return f"{type(exc).__name__}: {specific[0]}" if specific else type(exc).__name__
 
 
 def _load_into(
