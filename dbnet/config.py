@@ -42,6 +42,10 @@ class DataConfig:
     synth_seed: int = 0
     crop_size: int = 640
     scale_range: tuple[float, float] = (0.5, 3.0)
+    # What scale_range is relative to: the image as read ("native"), or the image resized
+    # for evaluation ("eval", eval_side to eval_size), so that training sees text at the
+    # sizes evaluation will, whatever the size of the photograph.
+    scale_reference: Literal["native", "eval"] = "native"
     rotate_degrees: float = 10.0
     flip: bool = True
     color_jitter: float = 0.0

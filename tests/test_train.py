@@ -245,9 +245,7 @@ def test_max_minutes_stops_early_keeping_the_schedule(tmp_path, data) -> None:
     assert "train.max_minutes" in (run_dir / "train.log").read_text()
 
 
-def test_a_schedule_in_minutes_ends_at_rate_zero_when_the_budget_is_spent(
-    tmp_path, data
-) -> None:
+def test_a_schedule_in_minutes_ends_at_rate_zero_when_the_budget_is_spent(tmp_path, data) -> None:
     train_dir, val_dir = data
     overrides = [
         "schedule.length=minutes",

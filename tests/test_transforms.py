@@ -62,6 +62,26 @@ def test_matrix_maps_the_polygon() -> None:
     np.testing.assert_allclose(out.polygons[0], apply_affine(QUAD, out.matrix), atol=1e-3)
 
 
+@pytest.mark.parametrize(("reference", "expected"), [("native", 1.0), ("eval", 0.5)])
+def test_scale_can_be_relative_to_the_evaluation_size(reference: str, expected: float) -> None:
+    # A 640x384 image evaluated at short side 192 (both multiples of 32) is seen at half size.
+    config = DataConfig(
+        crop_size=320,
+        scale_range=(1.0, 1.0),
+        scale_reference=reference,
+        rotate_degrees=0.0,
+        flip=False,
+        eval_side="short",
+        eval_size=192,
+    )
+    image = np.zeros((384, 640, 3), np.uint8)
+    quad = np.array([[100, 100], [300, 100], [300, 140], [100, 140]], np.float32)
+    out = augment(image, [quad], [False], config, np.random.default_rng(0))
+
+    size = out.polygons[0].max(axis=0) - out.polygons[0].min(axis=0)
+    assert size == pytest.approx(expected * np.array([200, 40]), abs=0.01), size
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (16, 24), (100, 700), (720, 1280), (2000, 50)])
 def test_crop_is_exactly_crop_size(shape: tuple[int, int]) -> None:
     config = DataConfig(crop_size=128)

@@ -364,7 +364,8 @@ def augment(
         image: (H, W, 3) uint8 RGB.
         polygons: (k, 2) float arrays in image pixels.
         ignore: One don't-care flag per polygon; only care text steers the crop.
-        config: scale_range, rotate_degrees, flip, crop_size and color_jitter are used.
+        config: scale_range (relative to the image or, with scale_reference "eval", to its
+            evaluation size), rotate_degrees, flip, crop_size and color_jitter are used.
         rng: Random generator; the same state gives the same sample.
         fill: Padding colour; defaults to the mean colour of `config.mean`.
 
@@ -376,7 +377,12 @@ def augment(
     fill = fill_colour(config.mean) if fill is None else fill
 
     # Scale, rotation and flip, placed so the transformed image starts at the origin.
-    linear = random_linear(config.scale_range, config.rotate_degrees, config.flip, rng)
+    low, high = config.scale_range
+    if config.scale_reference == "eval":
+        new_height, new_width = eval_size(height, width, config.eval_side, config.eval_size)
+        factor = math.sqrt(new_height / height * new_width / width)
+        low, high = low * factor, high * factor
+    linear = random_linear((low, high), config.rotate_degrees, config.flip, rng)
     to_extent, extent_w, extent_h = _extent_matrix(height, width, linear)
 
     # Crop window chosen from the transformed care polygons. Corrupt coordinates (beyond
